@@ -5,16 +5,24 @@ mean Hessian (or Gauss-Newton matrix) over all training points; positive = z hel
 """
 
 from .base import InfluenceFunctionModel
+from .cg import CgInfluence
 from .direct import DirectInfluence
 from .errors import NotFittedException, SingularHessianError
+from .lissa import LissaInfluence
 from .modes import BlockMode, InfluenceMode, SecondOrderMode
+from .preconditioners import JacobiPreconditioner, NystroemPreconditioner, Preconditioner
 
 __all__ = [
     "BlockMode",
+    "CgInfluence",
     "DirectInfluence",
     "InfluenceFunctionModel",
     "InfluenceMode",
+    "JacobiPreconditioner",
+    "LissaInfluence",
     "NotFittedException",
+    "NystroemPreconditioner",
+    "Preconditioner",
     "SecondOrderMode",
     "SingularHessianError",
 ]
