@@ -11,6 +11,7 @@ from kinfluence.influence import (
     InfluenceMode,
     JacobiPreconditioner,
     NystroemPreconditioner,
+    SecondOrderMode,
 )
 
 
@@ -48,8 +49,9 @@ def test_cg_matches_direct(problem, options):
 
 def test_preconditioning_reduces_iterations(problem):
     model, x, y, loader, _ = problem
-    plain = CgInfluence(model, nn.functional.cross_entropy, 0.01, rtol=1e-10).fit(loader)
-    pre = CgInfluence(model, nn.functional.cross_entropy, 0.01, rtol=1e-10,
+    gn = SecondOrderMode.GAUSS_NEWTON
+    plain = CgInfluence(model, nn.functional.cross_entropy, 0.01, rtol=1e-10, second_order_mode=gn).fit(loader)
+    pre = CgInfluence(model, nn.functional.cross_entropy, 0.01, rtol=1e-10, second_order_mode=gn,
                       pre_conditioner=NystroemPreconditioner(rank=40)).fit(loader)
     plain.influence_factors(x[:5], y[:5])
     pre.influence_factors(x[:5], y[:5])
