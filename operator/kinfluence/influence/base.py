@@ -132,8 +132,9 @@ class InfluenceFunctionModel(ABC):
 
     def _check_loss(self, x: Tensor, y: Tensor) -> None:
         x, y = self.fm.to_device(x, y)
+        params = self.params()
         with torch.no_grad():
-            value = self.fm.batch_loss(self.params(), x, y)
+            value = self.fm.batch_loss(params, x, y)
         if not isinstance(value, Tensor) or value.dim() != 0:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(
@@ -141,10 +142,11 @@ class InfluenceFunctionModel(ABC):
             )
         if len(x) > 1:
             with torch.no_grad():
+                # a few forward passes (no gradients) to tell a mean from a sum reduction
                 per_sample = torch.stack(
-                    [self.fm.batch_loss(self.params(), x[i : i + 1], y[i : i + 1]) for i in range(min(len(x), 8))]
+                    [self.fm.batch_loss(params, x[i : i + 1], y[i : i + 1]) for i in range(min(len(x), 8))]
                 )
-                head = self.fm.batch_loss(self.params(), x[: len(per_sample)], y[: len(per_sample)])
+                head = self.fm.batch_loss(params, x[: len(per_sample)], y[: len(per_sample)])
             if not torch.allclose(head, per_sample.mean(), rtol=1e-4, atol=1e-6):
                 raise ValueError(
                     "loss: must average over the batch (reduction='mean'): on the first batch it "

@@ -204,8 +204,9 @@ class CgInfluence(InfluenceFunctionModel):
             def curvature(v: Tensor, params: dict = params) -> Tensor:
                 return second_order_product(self.fm, params, train_loader, v, self.second_order_mode)
 
-            fresh = type(pre)(**{k: v for k, v in pre.options().items() if k != "name"})
-            self._preconditioners[block] = fresh.fit(curvature, sl.stop - sl.start, reg, self.device, self.dtype)
+            self._preconditioners[block] = self._new_preconditioner().fit(
+                curvature, sl.stop - sl.start, reg, self.device, self.dtype
+            )
 
     def _solve(self, rhs: Tensor) -> Tensor:
         out = torch.empty_like(rhs)
@@ -248,10 +249,14 @@ class CgInfluence(InfluenceFunctionModel):
         return self
 
     def _load_state(self, state: Mapping[str, Any]) -> None:
-        pre = self._preconditioner_spec
         self._preconditioners = {}
         for block, sd in state["preconditioners"].items():
-            assert pre is not None
-            fresh = type(pre)(**{k: v for k, v in pre.options().items() if k != "name"})
+            fresh = self._new_preconditioner()
             fresh.load_state_dict(dict(sd))
             self._preconditioners[block] = fresh
+
+    def _new_preconditioner(self) -> Preconditioner:
+        """An unfitted copy of the configured preconditioner (one per block)."""
+        pre = self._preconditioner_spec
+        assert pre is not None
+        return type(pre)(**{k: v for k, v in pre.options().items() if k != "name"})
