@@ -76,8 +76,8 @@ def make_problem(root: Path, n_train: int = 40, n_test: int = 12, chunks: Option
         "spec": {
             "model": {"entrypoint": "jobmodels:build", "weights": str(weights), "dtype": "float64"},
             "loss": "cross_entropy",
-            "data": {"train": {"url": data_url, "x": "x", "y": "y"},
-                     "test": {"url": data_url, "x": "x_test", "y": "y_test"}},
+            "data": {"train": {"url": data_url, "features": "x", "targets": "y"},
+                     "test": {"url": data_url, "features": "x_test", "targets": "y_test"}},
             "method": {"name": "direct", "regularization": 0.1},
             "chunks": chunks or {"train": 8, "test": 4},
             "output": {"url": output or str(root / "out.zarr"), "topK": 3, "values": "mean"},

@@ -174,7 +174,7 @@ def spec_for(train: DataSource, test: DataSource, chunks: dict[str, int] | None 
 def test_zarr_data_lazy_sliced_and_chunked(tmp_path: Path) -> None:
     x = np.arange(40, dtype=np.float32).reshape(10, 4)
     url = write_group(tmp_path / "d.zarr", x=x, y=np.arange(10), xt=x[:3], yt=np.arange(3))
-    train, test = load_data(spec_for(DataSource(url=url, start=2, stop=9), DataSource(url=url, x="xt", y="yt")))
+    train, test = load_data(spec_for(DataSource(url=url, start=2, stop=9), DataSource(url=url, features="xt", targets="yt")))
     assert len(train) == 7 and train.x.chunks[0] == (3, 3, 1) and test.x.chunks[0] == (2, 1)
     np.testing.assert_array_equal(train.x.compute(), x[2:9])
     np.testing.assert_array_equal(train.y.compute(), np.arange(2, 9))
@@ -184,23 +184,23 @@ def test_npy_data(tmp_path: Path) -> None:
     x = np.random.default_rng(0).normal(size=(9, 2, 3))
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "labels.npy", np.arange(9))
-    d = load_dataset(DataSource(url=str(tmp_path), format="npy", y="labels.npy", start=1), "spec.data.train", chunk=4)
+    d = load_dataset(DataSource(url=str(tmp_path), format="npy", targets="labels.npy", start=1), "spec.data.train", chunk=4)
     np.testing.assert_array_equal(d.x.compute(), x[1:])
     np.testing.assert_array_equal(d.y[2:5].compute(), np.arange(3, 6))
-    with pytest.raises(LoadError, match=r"spec.data.train.x: no file 'feat.npy' in"):
-        load_dataset(DataSource(url=str(tmp_path), format="npy", x="feat"), "spec.data.train")
+    with pytest.raises(LoadError, match=r"spec.data.train.features: no file 'feat.npy' in"):
+        load_dataset(DataSource(url=str(tmp_path), format="npy", features="feat"), "spec.data.train")
 
 
 def test_x_and_y_of_different_lengths(tmp_path: Path) -> None:
     url = write_group(tmp_path / "d.zarr", x=np.zeros((5, 2)), y=np.zeros(4))
-    with pytest.raises(LoadError, match=r"spec.data.train: x \('x'\) and y \('y'\) have different lengths \(5 and 4\)"):
+    with pytest.raises(LoadError, match=r"spec.data.train: features \('x'\) and targets \('y'\) have different lengths \(5 and 4\)"):
         load_dataset(DataSource(url=url), "spec.data.train")
 
 
 def test_array_name_not_in_the_store(tmp_path: Path) -> None:
     url = write_group(tmp_path / "d.zarr", x=np.zeros((5, 2)), y=np.zeros(5))
-    with pytest.raises(LoadError, match=r"spec.data.test.y: no array 'labels' in the zarr group .* \(arrays: x, y\)"):
-        load_dataset(DataSource(url=url, y="labels"), "spec.data.test")
+    with pytest.raises(LoadError, match=r"spec.data.test.targets: no array 'labels' in the zarr group .* \(arrays: x, y\)"):
+        load_dataset(DataSource(url=url, targets="labels"), "spec.data.test")
     with pytest.raises(LoadError, match=r"spec.data.train.url: no zarr group at '.*missing.zarr'"):
         load_dataset(DataSource(url=str(tmp_path / "missing.zarr")), "spec.data.train")
     with pytest.raises(LoadError, match=r"spec.data.train.stop: 9 is beyond the 5 points"):
@@ -209,5 +209,5 @@ def test_array_name_not_in_the_store(tmp_path: Path) -> None:
 
 def test_test_features_must_match_train(tmp_path: Path) -> None:
     url = write_group(tmp_path / "d.zarr", x=np.zeros((5, 2)), y=np.zeros(5), xt=np.zeros((3, 4)), yt=np.zeros(3))
-    with pytest.raises(LoadError, match=r"spec.data.test.x: feature shape \(4,\) differs from the training data's \(2,\)"):
-        load_data(spec_for(DataSource(url=url), DataSource(url=url, x="xt", y="yt")))
+    with pytest.raises(LoadError, match=r"spec.data.test.features: feature shape \(4,\) differs from the training data's \(2,\)"):
+        load_data(spec_for(DataSource(url=url), DataSource(url=url, features="xt", targets="yt")))

@@ -18,7 +18,7 @@ def job(**spec: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         "model": {"entrypoint": "pkg.mod:build", "weights": "w.pt"},
         "loss": "cross_entropy",
-        "data": {"train": {"url": "d.zarr", "x": "x", "y": "y"}, "test": {"url": "gs://b/d.zarr"}},
+        "data": {"train": {"url": "d.zarr", "features": "x", "targets": "y"}, "test": {"url": "gs://b/d.zarr"}},
         "method": {"name": "cg", "rtol": 1e-5},
         "output": {"url": "out.zarr"},
     }

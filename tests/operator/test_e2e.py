@@ -63,8 +63,8 @@ def make_job(name: str, inputs: pathlib.Path, gcs: str, sleep: float = 0.0, **sp
     body = {
         "model": {"entrypoint": "e2e_model:build", "weights": str(inputs / "weights.pt"), "dtype": "float64"},
         "loss": "cross_entropy",
-        "data": {"train": {"url": str(inputs / "data.zarr"), "x": "x_train", "y": "y_train"},
-                 "test": {"url": str(inputs / "data.zarr"), "x": "x_test", "y": "y_test"}},
+        "data": {"train": {"url": str(inputs / "data.zarr"), "features": "x_train", "targets": "y_train"},
+                 "test": {"url": str(inputs / "data.zarr"), "features": "x_test", "targets": "y_test"}},
         "method": {"name": "direct", "regularization": 0.1},
         "chunks": {"train": 4, "test": 4},
         "output": {"url": f"gs://kinfluence-e2e/{name}.zarr", "topK": 3, "storageOptions": {"token": "anon"}},

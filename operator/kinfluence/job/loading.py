@@ -331,13 +331,13 @@ class Dataset:
 
 def load_dataset(src: DataSource, field: str, chunk: Optional[int] = None) -> Dataset:
     """x and y of a data source as dask arrays, checked, sliced, chunked by rows."""
-    x = open_array(src, "x", field)
-    y = open_array(src, "y", field)
-    for which, arr in (("x", x), ("y", y)):
+    x = open_array(src, "features", field)
+    y = open_array(src, "targets", field)
+    for which, arr in (("features", x), ("targets", y)):
         if arr.ndim == 0:
             raise LoadError(f"{field}.{which}: is a scalar; expected one row per data point")
     if x.shape[0] != y.shape[0]:
-        raise LoadError(f"{field}: x ({src.x!r}) and y ({src.y!r}) have different lengths ({x.shape[0]} and {y.shape[0]})")
+        raise LoadError(f"{field}: features ({src.features!r}) and targets ({src.targets!r}) have different lengths ({x.shape[0]} and {y.shape[0]})")
     n = int(x.shape[0])
     start = src.start or 0
     stop = n if src.stop is None else src.stop
@@ -358,12 +358,12 @@ def load_data(spec: InfluenceJobSpec) -> tuple[Dataset, Dataset]:
     test = load_dataset(spec.data.test, "spec.data.test", spec.chunks.test)
     if train.x.shape[1:] != test.x.shape[1:]:
         raise LoadError(
-            f"spec.data.test.x: feature shape {tuple(test.x.shape[1:])} differs from the training "
+            f"spec.data.test.features: feature shape {tuple(test.x.shape[1:])} differs from the training "
             f"data's {tuple(train.x.shape[1:])}"
         )
     if train.y.shape[1:] != test.y.shape[1:]:
         raise LoadError(
-            f"spec.data.test.y: target shape {tuple(test.y.shape[1:])} differs from the training "
+            f"spec.data.test.targets: target shape {tuple(test.y.shape[1:])} differs from the training "
             f"data's {tuple(train.y.shape[1:])}"
         )
     return train, test
@@ -374,8 +374,8 @@ def data_fingerprint(spec: InfluenceJobSpec, train: Dataset, test: Dataset) -> d
     def one(src: DataSource, d: Dataset) -> dict[str, Any]:
         return {
             "url": src.url,
-            "x": src.x,
-            "y": src.y,
+            "features": src.features,
+            "targets": src.targets,
             "start": src.start or 0,
             "n": len(d),
             "xShape": list(d.x.shape),

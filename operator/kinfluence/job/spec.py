@@ -123,12 +123,16 @@ class ModelSource(SpecModel):
 
 
 class DataSource(SpecModel):
-    """One data set: a zarr group (or a folder of .npy files) and the names of x and y."""
+    """One data set: a zarr group (or a folder of .npy files) and the names of its two arrays.
 
-    url: Url = Field(description="URL of a zarr group, or of a folder holding <x>.npy and <y>.npy.")
+    The keys are `features` and `targets`, not `x` and `y`: YAML 1.1 (kubectl's parser) reads a
+    bare `y` key as the boolean true.
+    """
+
+    url: Url = Field(description="URL of a zarr group, or of a folder holding <features>.npy and <targets>.npy.")
     format: Literal["zarr", "npy"] = Field("zarr", description="zarr group or .npy files.")
-    x: str = Field("x", min_length=1, description="Name of the features array (first axis: points).")
-    y: str = Field("y", min_length=1, description="Name of the targets array (first axis: points).")
+    features: str = Field("x", min_length=1, description="Name of the features array (first axis: points).")
+    targets: str = Field("y", min_length=1, description="Name of the targets array (first axis: points).")
     start: Optional[int] = Field(None, ge=0, description="First point used (inclusive).")
     stop: Optional[int] = Field(None, ge=1, description="Last point used (exclusive).")
     storage_options: StorageOptions = {}
