@@ -192,3 +192,10 @@ def test_relative_paths_resolve_against_the_job_file() -> None:
     doc["spec"]["output"]["url"] = "gs://bucket/out.zarr"
     kept = resolve_relative_paths(parse_job(doc), "/somewhere")
     assert kept.spec.output.url == "gs://bucket/out.zarr" and kept.spec.data.test.url == "gs://b/d.zarr"
+
+
+def test_x_and_y_keys_get_a_hint() -> None:
+    """kubectl's YAML 1.1 reads a bare `y:` key as true: the message says what to write."""
+    msg = refused(lambda d: d["spec"]["data"]["train"].update({"true": "labels"}))
+    assert "spec.data.train.true: unknown field" in msg and "use `targets:`" in msg
+    assert "name the features array with `features:`" in refused(lambda d: d["spec"]["data"]["test"].update(x="f"))

@@ -14,6 +14,12 @@ from .errors import SpecError
 from .spec import METHOD_SPECS, QUANTITY, InfluenceJob, InfluenceJobSpec
 
 _MAX_ERRORS = 4
+#: old or mangled keys of a data source, and what to write instead
+_DATA_KEY_HINTS = {
+    "x": "name the features array with `features:`",
+    "y": "name the targets array with `targets:`",
+    "true": "YAML 1.1, as kubectl reads it, turns a bare `y:` key into true; use `targets:`",
+}
 
 
 def parse_job(doc: Any, source: str = "job") -> InfluenceJob:
@@ -137,6 +143,8 @@ def format_validation_error(
                 msg = f"not an option of method {method!r}; its options are {', '.join(options)}"
             else:
                 msg = f"unknown field; expected one of {', '.join(options)}"
+                if name in _DATA_KEY_HINTS and "targets" in options:
+                    msg += f" ({_DATA_KEY_HINTS[name]})"
         elif kind == "union_tag_invalid":
             ctx = e.get("ctx", {})
             parts.append(str(ctx.get("discriminator", "name")).strip("'"))
