@@ -10,15 +10,6 @@ from kinfluence.influence import ArnoldiInfluence, DirectInfluence, InfluenceMod
 LAM = 0.1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscribing the shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def problem():
     torch.manual_seed(0)

@@ -5,17 +5,11 @@ job is refused; progress is reported; a gs:// output equals a local one."""
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from jobproblem import Problem, make_problem
 from kinfluence.compute import open_influence_store
