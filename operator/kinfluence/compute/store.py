@@ -31,6 +31,7 @@ import fsspec
 import numpy as np
 import torch
 import zarr
+from zarr.errors import ContainsArrayError
 
 from .. import __version__
 from .errors import InvalidDimensionChunksError, StoreExistsError, StoreMismatchError
@@ -188,12 +189,24 @@ class StoreHandle:
         return self.layout
 
     def write_factors(self, i: int, factors: np.ndarray) -> None:
-        """Keep test chunk i's factors (n_i, q) in the store, then record them done."""
+        """Keep test chunk i's factors (n_i, q) in the store, then record them done.
+
+        An existing array of the same shape (a killed run's partial write, or a concurrent
+        writer of the same chunk: a cancelled run's task still running, or dask rerunning
+        the task after losing a worker) is written in place, never deleted and recreated:
+        chunk writes replace whole chunks, so a block task reading these factors meanwhile
+        sees complete factors, not a missing array or fill values."""
         group = self.group()["_work/factors"]
         n, q = factors.shape
         cols = max(1, min(q, _FACTOR_CHUNK_BYTES // max(1, n * factors.itemsize)))
-        arr = group.create_array(str(i), shape=factors.shape, chunks=(max(n, 1), cols), dtype=factors.dtype,
-                                 overwrite=True, dimension_names=["test", "factor"])
+        spec: dict[str, Any] = {"shape": factors.shape, "chunks": (max(n, 1), cols), "dtype": factors.dtype,
+                                "dimension_names": ["test", "factor"]}
+        try:
+            arr = group.create_array(str(i), overwrite=False, **spec)
+        except ContainsArrayError:
+            arr = group[str(i)]
+            if not isinstance(arr, zarr.Array) or arr.shape != factors.shape or arr.dtype != factors.dtype:
+                arr = group.create_array(str(i), overwrite=True, **spec)
         arr[...] = factors
         self.mark_done(f"factors-{i}", {"shape": list(factors.shape)})
 
