@@ -12,8 +12,8 @@ from kinfluence.operator import manifests
 SPEC: dict[str, Any] = {
     "model": {"entrypoint": "pkg.models:build", "weights": "gs://bucket/weights.pt"},
     "loss": "cross_entropy",
-    "data": {"train": {"url": "gs://bucket/data.zarr", "x": "x_train", "y": "y_train"},
-             "test": {"url": "gs://bucket/data.zarr", "x": "x_test", "y": "y_test"}},
+    "data": {"train": {"url": "gs://bucket/data.zarr", "features": "x_train", "targets": "y_train"},
+             "test": {"url": "gs://bucket/data.zarr", "features": "x_test", "targets": "y_test"}},
     "method": {"name": "cg", "regularization": 0.1},
     "output": {"url": "gs://bucket/out.zarr"},
     "workers": {
