@@ -108,7 +108,7 @@ def test_weights_are_never_unpickled_as_objects(models: Path) -> None:
         ("no_such_module:build", "spec.model.entrypoint: cannot import module 'no_such_module'"),
         ("tbroken:build", "spec.model.entrypoint: importing 'tbroken' failed: ImportError: needs libfoo"),
         ("tmodels:missing", "spec.model.entrypoint: 'tmodels' has no attribute 'missing'"),
-        ("tmodels:VALUE", "spec.model.entrypoint: 'tmodels:VALUE' is a int, not a callable"),
+        ("tmodels:VALUE", "spec.model.entrypoint: 'tmodels:VALUE' is an int, not a callable"),
         ("tmodels:not_a_module", "spec.model.entrypoint: tmodels:not_a_module() returned a list, not a torch.nn.Module"),
         ("tmodels:broken", "spec.model.entrypoint: calling tmodels:broken() failed: RuntimeError: no GPU here"),
     ],

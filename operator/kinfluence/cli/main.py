@@ -2,12 +2,14 @@
 
 Bad input ends with one line `kinfluence: error: ...` naming the field or file, and a
 non-zero exit status (2: invalid job, input or arguments; 1: the job failed; 130: interrupted).
+A failed job is reported the same way; KINFLUENCE_DEBUG=1 shows its Python traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -15,6 +17,15 @@ from typing import Callable, Optional, Sequence
 EXIT_FAILED = 1
 EXIT_INVALID = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a pod being stopped): stop like Ctrl-C, keeping every finished block."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 def _error(message: str, code: int) -> int:
@@ -49,12 +60,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a job on a local dask cluster of single-threaded worker processes."""
-    from kinfluence.job import read_job, resolve_relative_paths
-    from kinfluence.job.local import run_locally
+    from kinfluence.job import JobError, read_job, resolve_relative_paths
 
     path = Path(args.job)
-    job = resolve_relative_paths(read_job(path), path.parent)
-    return run_locally(job, job_dir=path.parent, workers=args.workers, output=args.output, preview=args.preview)
+    job = resolve_relative_paths(read_job(path), path.parent)  # spec errors before torch is imported
+    from kinfluence.job.local import run_locally
+
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return run_locally(job, job_dir=path.parent, workers=args.workers, output=args.output, preview=args.preview)
+    except JobError as err:  # a field of this file: say which file
+        if str(err).startswith("spec."):
+            raise type(err)(f"{path}: {err}") from None
+        raise
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -100,7 +118,7 @@ def _positive(text: str) -> int:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
-        self.exit(EXIT_INVALID, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_INVALID, f"kinfluence: error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,12 +165,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return args.func(args)
     except JobError as err:
         return _error(str(err), EXIT_INVALID)
-    except KeyboardInterrupt:
-        print("kinfluence: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as err:
+        terminated = isinstance(err, Terminated)
+        print(f"kinfluence: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
+    except Exception as err:  # the job failed (e.g. a task raised on a worker): one line, no traceback
+        if os.environ.get("KINFLUENCE_DEBUG"):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return _error(f"{args.command} failed: {type(err).__name__}{': ' + first if first else ''} "
+                      "(set KINFLUENCE_DEBUG=1 to see the traceback)", EXIT_FAILED)
 
 
 if __name__ == "__main__":

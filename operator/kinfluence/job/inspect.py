@@ -123,11 +123,15 @@ def describe(store: Any, test_indices: Sequence[int], top: int, out: TextIO = sy
 # ------------------------------------------------------------------------------ figure
 
 
-def _as_image(row: np.ndarray) -> Optional[np.ndarray]:
-    """A feature row as an image: square vectors, (H, W), (C, H, W) or (H, W, C) arrays."""
-    if row.ndim == 1:
+def _as_image(row: np.ndarray, image_shape: Optional[Sequence[int]] = None) -> Optional[np.ndarray]:
+    """A feature row as an image: reshaped to the data's `image_shape` attribute when it has one;
+    else (H, W), (C, H, W) or (H, W, C) arrays, or vectors of at least 8 x 8 square pixels
+    (a shorter square vector is more likely a table row than an image)."""
+    if image_shape and int(np.prod(image_shape)) == row.size:
+        row = row.reshape(tuple(image_shape))
+    elif row.ndim == 1:
         side = int(round(math.sqrt(row.size)))
-        return row.reshape(side, side) if side * side == row.size and side > 1 else None
+        return row.reshape(side, side) if side * side == row.size and side >= 8 else None
     if row.ndim == 2:
         return row
     if row.ndim == 3 and row.shape[0] in (1, 3):
@@ -137,7 +141,32 @@ def _as_image(row: np.ndarray) -> Optional[np.ndarray]:
     return None
 
 
-def _data_from_metadata(store: Any) -> Optional[tuple[Any, Any, Any, Any]]:
+@dataclass(frozen=True)
+class _Data:
+    """The job's train and test data (lazy arrays) and the shape of one image, if declared."""
+
+    x_train: Any
+    y_train: Any
+    x_test: Any
+    y_test: Any
+    image_shape: Optional[tuple[int, ...]]
+
+
+def _image_shape(src: Any) -> Optional[tuple[int, ...]]:
+    """The `image_shape` attribute of a zarr data source's features array or of its group."""
+    from .loading import open_group
+
+    if src.format != "zarr":
+        return None
+    try:
+        group = open_group(src, "spec.data.test")
+        shape = group[src.features].attrs.get("image_shape") or group.attrs.get("image_shape")
+    except (JobError, KeyError):
+        return None
+    return tuple(int(s) for s in shape) if isinstance(shape, (list, tuple)) and shape else None
+
+
+def _data_from_metadata(store: Any) -> Optional[_Data]:
     """Train and test data (x, y) named by the job recorded in the store, if readable."""
     from .loading import load_dataset
     from .spec import DataSource
@@ -147,16 +176,17 @@ def _data_from_metadata(store: Any) -> Optional[tuple[Any, Any, Any, Any]]:
     if not data:
         return None
     try:
-        train = load_dataset(DataSource.model_validate(data["train"]), "spec.data.train")
-        test = load_dataset(DataSource.model_validate(data["test"]), "spec.data.test")
-    except (JobError, ValueError):
+        train_src, test_src = DataSource.model_validate(data["train"]), DataSource.model_validate(data["test"])
+        train = load_dataset(train_src, "spec.data.train")
+        test = load_dataset(test_src, "spec.data.test")
+    except (JobError, ValueError, KeyError):
         return None
-    return train.x, train.y, test.x, test.y
+    return _Data(train.x, train.y, test.x, test.y, _image_shape(test_src))
 
 
 def plot(store: Any, rankings: Sequence[Ranked], path: str) -> str:
     """For each test point: its image beside its most helpful and most harmful training images
-    (image data), or bar charts of the influence values (other data)."""
+    (image data), or bar charts of the influence values (other data). Returns what it drew."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,26 +194,29 @@ def plot(store: Any, rankings: Sequence[Ranked], path: str) -> str:
 
     data = _data_from_metadata(store)
     top = max((len(r.helpful) for r in rankings), default=1)
-    images = data is not None and _as_image(np.asarray(data[2][0])) is not None
+    shape = data.image_shape if data is not None else None
+    images = data is not None and _as_image(np.asarray(data.x_test[0]), shape) is not None
     if images:
-        x_train, y_train, x_test, y_test = data  # type: ignore[misc]
+        assert data is not None
+        what = "test images beside their most helpful and most harmful training images"
         fig, axes = plt.subplots(2 * len(rankings), top + 1, figsize=(1.6 * (top + 1), 3.4 * len(rankings)), squeeze=False)
         for r_i, r in enumerate(rankings):
-            test_img = _as_image(np.asarray(x_test[r.test_index]))
+            test_img = _as_image(np.asarray(data.x_test[r.test_index]), shape)
             for half, (label, items) in enumerate((("helpful", r.helpful), ("harmful", r.harmful))):
                 row = axes[2 * r_i + half]
                 row[0].imshow(test_img, cmap="gray_r")
-                row[0].set_title(f"test {r.test_index} y={np.asarray(y_test[r.test_index])}\nmost {label}", fontsize=8)
+                row[0].set_title(f"test {r.test_index} y={np.asarray(data.y_test[r.test_index])}\nmost {label}", fontsize=8)
                 for c in range(top):
                     ax = row[c + 1]
                     if c < len(items):
                         j, v = items[c]
-                        ax.imshow(_as_image(np.asarray(x_train[j])), cmap="gray_r")
-                        ax.set_title(f"#{j} y={np.asarray(y_train[j])}\n{v:+.3g}", fontsize=7)
+                        ax.imshow(_as_image(np.asarray(data.x_train[j]), shape), cmap="gray_r")
+                        ax.set_title(f"#{j} y={np.asarray(data.y_train[j])}\n{v:+.3g}", fontsize=7)
                 for ax in row:
                     ax.set_xticks([])
                     ax.set_yticks([])
     else:
+        what = "bar charts of the most helpful and most harmful training points' influences"
         fig, axes = plt.subplots(len(rankings), 1, figsize=(8, 2.5 * len(rankings)), squeeze=False)
         for ax, r in zip(axes[:, 0], rankings):
             items = r.helpful + r.harmful[::-1]
@@ -191,10 +224,30 @@ def plot(store: Any, rankings: Sequence[Ranked], path: str) -> str:
             ax.set_xticks(range(len(items)), [f"#{j}" for j, _ in items], fontsize=7, rotation=90)
             ax.set_title(f"test {r.test_index}: most helpful (green) and harmful (red) training points", fontsize=9)
             ax.axhline(0, color="black", linewidth=0.5)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    except (OSError, ValueError) as err:  # no such folder, not writable, unknown file extension
+        raise JobError(f"--plot: cannot write {path!r}: {getattr(err, 'strerror', None) or err}") from None
+    finally:
+        plt.close(fig)
+    return what
+
+
+def _check_plot_path(path: str) -> None:
+    """Refuse a figure path matplotlib cannot write, before anything is printed."""
+    import os
+
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise JobError(f"--plot: cannot write {path!r}: no folder {folder!r}")
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if ext not in formats:
+        raise JobError(f"--plot: cannot write {path!r}: expected a file name ending in one of "
+                       f"{', '.join('.' + f for f in sorted(formats))}")
 
 
 def inspect_store(
@@ -206,11 +259,14 @@ def inspect_store(
     storage_options: Optional[dict[str, Any]] = None,
 ) -> int:
     """The `kinfluence inspect` command; returns the exit status."""
+    if plot_path:
+        _check_plot_path(plot_path)
     store = open_store(url, storage_options)
     indices = list(test_indices) if test_indices else list(range(min(3, store.layout.n_test)))
     rankings = describe(store, indices, top, out)
     if plot_path:
         if not rankings:
             raise JobError("--plot: needs rankings of training points (up-weighting mode)")
-        print(f"figure   {plot(store, rankings, plot_path)}", file=out)
+        what = plot(store, rankings, plot_path)
+        print(f"figure   {plot_path}: {what}", file=out)
     return 0

@@ -30,6 +30,11 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # ------------------------------------------------------------------------------ entrypoints
 
 
+def _a(noun: str) -> str:
+    """The noun with its indefinite article ("an int", "a list")."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
 def import_entrypoint(ref: str, field: str) -> Callable[..., Any]:
     """The callable behind `package.module:attr.path`."""
     module_name, _, attr_path = ref.partition(":")
@@ -49,7 +54,7 @@ def import_entrypoint(ref: str, field: str) -> Callable[..., Any]:
             raise LoadError(f"{field}: {module_name!r} has no attribute {attr_path!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise LoadError(f"{field}: {ref!r} is a {type(obj).__name__}, not a callable")
+        raise LoadError(f"{field}: {ref!r} is {_a(type(obj).__name__)}, not a callable")
     return obj
 
 
@@ -124,7 +129,7 @@ def build_model(source: ModelSource, field: str = "spec.model") -> nn.Module:
             ) from None
         if not isinstance(module, nn.Module):
             raise LoadError(
-                f"{field}.entrypoint: {source.entrypoint}() returned a {type(module).__name__}, "
+                f"{field}.entrypoint: {source.entrypoint}() returned {_a(type(module).__name__)}, "
                 "not a torch.nn.Module"
             )
         if source.weights is not None:

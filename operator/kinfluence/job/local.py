@@ -32,11 +32,14 @@ def make_importable(folder: Path) -> None:
 
 
 def with_output(job: InfluenceJob, url: str) -> InfluenceJob:
-    """The job writing to another URL (the --output option), validated like the spec field."""
+    """The job writing to another URL (the --output option), validated like the spec field; a
+    relative local path is relative to the current directory (the workers get it absolute)."""
     from pydantic import ValidationError
 
+    from .spec import url_scheme
+
     data = job.spec.output.model_dump(by_alias=True)
-    data["url"] = url
+    data["url"] = str(Path(url).resolve()) if url.strip() and url_scheme(url) == "" else url
     try:
         output = OutputSpec.model_validate(data, by_alias=True, by_name=False)
     except ValidationError as err:
@@ -55,6 +58,13 @@ class IgnoreInterrupts(WorkerPlugin):
 
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def log_level() -> int:
+    """The level of dask's own log messages in a local run. A failure reaches the user as one
+    line from the client, so dask's messages (a failed task's traceback on its worker, a
+    heartbeat lost while the cluster shuts down) are shown only with KINFLUENCE_DEBUG=1."""
+    return logging.WARNING if os.environ.get("KINFLUENCE_DEBUG") else logging.CRITICAL
 
 
 @contextmanager
@@ -88,7 +98,7 @@ def run_locally(
     reporter.console.print(f"[bold]kinfluence[/bold] job {job.metadata.name!r}: starting {n} worker process(es)")
     with interrupts_ignored():
         cluster = LocalCluster(
-            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
+            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=log_level()
         )
     with cluster, Client(cluster) as client:
         client.register_plugin(IgnoreInterrupts())

@@ -169,7 +169,7 @@ class TerminalReporter(ProgressReporter):
     def __init__(self, stream: TextIO = sys.stderr, line_interval: float = 10.0) -> None:
         from rich.console import Console
 
-        self.console = Console(file=stream, highlight=False)
+        self.console = Console(file=stream, highlight=False, soft_wrap=True)
         self.line_interval = line_interval
         self._bar: Any = None
         self._task: Any = None
