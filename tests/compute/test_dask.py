@@ -5,10 +5,14 @@ thread-safety check and input errors."""
 from __future__ import annotations
 
 import logging
+import threading
+from typing import Any
 
 import dask.array as da
 import numpy as np
 import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from compute_problems import METHODS, make_problem
 from kinfluence.compute import (
@@ -125,3 +129,46 @@ def test_input_errors_say_what_was_given_and_what_is_needed(dask_client) -> None
         DaskInfluenceCalculator(p.model, TorchNumpyConverter(), "tcp://127.0.0.1:1")
     with pytest.raises(TypeError, match="converter: expected a NumpyConverter"):
         DaskInfluenceCalculator(p.model, object(), dask_client)  # type: ignore[arg-type]
+
+
+def test_the_shipped_model_can_be_moved_while_a_task_uses_it() -> None:
+    """torch.func swaps a module's parameters mid-call, so the live model cannot be pickled then;
+    what dask moves between workers (the ShippedModel's bytes) can, at any moment."""
+    import pickle
+
+    import torch.nn.functional as F
+
+    from kinfluence.compute.shipping import ShippedModel, live_model
+    from kinfluence.influence import DirectInfluence
+
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.randint(0, 2, (12,))
+    net = torch.nn.Linear(3, 2).double()
+    seen: list[str] = []
+
+    def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if seen == ["armed"]:  # in the middle of a computation: what a peer's get_data would do
+            seen.append("shipped" if pickle.loads(pickle.dumps(shipped)).payload else "")
+            try:
+                pickle.dumps(model)
+                seen.append("live model pickled")
+            except Exception:
+                seen.append("live model refused")
+        return F.cross_entropy(out, target)
+
+    model = DirectInfluence(net, loss, regularization=0.1).fit(DataLoader(TensorDataset(x, y), batch_size=6))
+    shipped = ShippedModel(model)
+    seen.append("armed")
+    got = live_model(shipped).influences(x[:2], y[:2], x, y)
+    assert seen == ["armed", "shipped", "live model refused"]
+    assert live_model(shipped) is model  # the client keeps its own live model
+    elsewhere = pickle.loads(pickle.dumps(shipped))
+    assert elsewhere.get() is model  # same process: reused, not unpickled again
+    torch.testing.assert_close(got, model.influences(x[:2], y[:2], x, y), rtol=0, atol=0)
+    assert not model.is_thread_safe  # so another thread computes with a copy of its own
+    other: list[Any] = []
+    thread = threading.Thread(target=lambda: other.append(elsewhere.get()))
+    thread.start()
+    thread.join()
+    assert other[0] is not model
+    torch.testing.assert_close(other[0].influences(x[:2], y[:2], x, y), got, rtol=0, atol=0)

@@ -2,8 +2,9 @@
 block into a zarr store by the workers of a dask Client.
 
 Cost model (the point of this module):
-* the fitted influence model is shipped to the workers ONCE (client.scatter(broadcast=True),
-  or a single graph key without a client) and every task refers to it;
+* the fitted influence model is shipped to the workers ONCE, as bytes unpickled once per
+  worker process (a broadcast `ShippedModel`, or a single graph key without a client), and
+  every task refers to it;
 * each test chunk's factors, the expensive solves, are computed ONCE per run;
 * each train chunk's representation is computed ONCE and multiplied against every test
   chunk's factors (a GEMM per block);
@@ -32,6 +33,7 @@ from .fingerprint import chunk_digest, combine_digests, model_fingerprint
 from .outputs import OutputSelection, WriteSummary
 from .plan import ProgressCallback, WritePlan, check_outputs, new_run_id, numpy_dtype_of, report
 from .store import StoreHandle, StoreLayout, prepare_store, regular_chunk_size
+from .shipping import ShippedModel
 from .tasks import block_from, factors_chunk, representation_chunk, store_block, store_factors
 
 logger = logging.getLogger(__name__)
@@ -126,12 +128,14 @@ class DaskInfluenceCalculator:
     # ------------------------------------------------------------------ shipping the model
 
     def model_reference(self) -> Any:
-        """The model as every task refers to it: one broadcast future, or one graph key."""
+        """The model as every task refers to it: one broadcast future, or one graph key, of the
+        model's bytes (`ShippedModel`: never the live model, which cannot be pickled mid-task)."""
         if self._model_ref is None:
+            shipped = ShippedModel(self.model)
             if self.client is not None:
-                self._model_ref = self.client.scatter(self.model, broadcast=True, hash=False)
+                self._model_ref = self.client.scatter(shipped, broadcast=True, hash=False)
             else:
-                self._model_ref = dask.delayed(self.model, name=f"influence-model-{self._token}", traverse=False)
+                self._model_ref = dask.delayed(shipped, name=f"influence-model-{self._token}", traverse=False)
         return self._model_ref
 
     def _require_client(self) -> Client:

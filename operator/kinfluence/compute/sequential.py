@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler
