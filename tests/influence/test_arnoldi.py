@@ -3,29 +3,18 @@
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from kinfluence.influence import ArnoldiInfluence, DirectInfluence, InfluenceMode, SecondOrderMode
+
+from influence_problems import small_classifier, pearson, relative
 
 LAM = 0.1
 
 
 @pytest.fixture(scope="module")
 def problem():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()  # p = 75
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(120, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (120,), generator=g)
-    loader = DataLoader(TensorDataset(x, y), batch_size=50)
+    model, x, y, loader = small_classifier()
     return model, x, y, loader
-
-
-def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
-
-
-def _relative(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((got - expected).abs().max() / expected.abs().max())
 
 
 @pytest.mark.parametrize("mode", [SecondOrderMode.HESSIAN, SecondOrderMode.GAUSS_NEWTON])
@@ -36,7 +25,7 @@ def test_full_rank_equals_direct(problem, mode):
     arnoldi = ArnoldiInfluence(model, nn.functional.cross_entropy, LAM, rank=p, second_order_mode=mode).fit(loader)
     assert arnoldi.fit_info["model"]["converged"]
     expected = direct.influences(x[:8], y[:8], x, y)
-    assert _relative(arnoldi.influences(x[:8], y[:8], x, y), expected) <= 1e-4
+    assert relative(arnoldi.influences(x[:8], y[:8], x, y), expected) <= 1e-4
 
 
 def test_full_rank_perturbation_equals_direct(problem):
@@ -46,7 +35,7 @@ def test_full_rank_perturbation_equals_direct(problem):
     expected = direct.influences(x[:3], y[:3], x[:5], y[:5], mode=InfluenceMode.PERTURBATION)
     got = arnoldi.influences(x[:3], y[:3], x[:5], y[:5], mode=InfluenceMode.PERTURBATION)
     assert got.shape == (3, 5, 5)
-    assert _relative(got, expected) <= 1e-4
+    assert relative(got, expected) <= 1e-4
 
 
 def test_correlation_with_direct_grows_with_rank(problem):
@@ -56,7 +45,7 @@ def test_correlation_with_direct_grows_with_rank(problem):
     ranks, correlations = [1, 2, 5, 10, 20, 40, 75], []
     for rank in ranks:
         arnoldi = ArnoldiInfluence(model, nn.functional.cross_entropy, LAM, rank=rank).fit(loader)
-        correlations.append(_pearson(arnoldi.influences(x[:10], y[:10], x, y), expected))
+        correlations.append(pearson(arnoldi.influences(x[:10], y[:10], x, y), expected))
     print("\nArnoldi (Hessian) correlation with Direct by rank:")
     for rank, c in zip(ranks, correlations):
         print(f"  rank {rank:3d}: {c:.6f}")

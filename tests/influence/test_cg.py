@@ -3,7 +3,6 @@
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from kinfluence.influence import (
     CgInfluence,
@@ -14,14 +13,12 @@ from kinfluence.influence import (
     SecondOrderMode,
 )
 
+from influence_problems import small_classifier
+
 
 @pytest.fixture(scope="module")
 def problem():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(120, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (120,), generator=g)
-    loader = DataLoader(TensorDataset(x, y), batch_size=50)
+    model, x, y, loader = small_classifier()
     direct = DirectInfluence(model, nn.functional.cross_entropy, 0.1).fit(loader)
     return model, x, y, loader, direct
 

@@ -8,15 +8,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from kinfluence.influence import DirectInfluence, EkfacInfluence, InfluenceMode, SecondOrderMode
 from kinfluence.influence.functional import FunctionalModel
 
+from influence_problems import pearson, relative
+
 GN = SecondOrderMode.GAUSS_NEWTON
-
-
-def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
-
-
-def _relative(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((got - expected).abs().max() / expected.abs().max())
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +41,9 @@ def test_single_linear_layer_with_mse_equals_gauss_newton_direct(update_diagonal
     direct = DirectInfluence(model, nn.functional.mse_loss, 0.01, second_order_mode=GN).fit(loader)
     ekfac = EkfacInfluence(model, "mse", update_diagonal=update_diagonal, hessian_regularization=0.01).fit(loader)
     expected = direct.influences(x[:6], y[:6], x, y)
-    assert _relative(ekfac.influences(x[:6], y[:6], x, y), expected) <= 1e-10
+    assert relative(ekfac.influences(x[:6], y[:6], x, y), expected) <= 1e-10
     layers = ekfac.influences_by_layer(x[:6], y[:6], x, y)
-    assert list(layers) == ["linear"] and _relative(layers["linear"], expected) <= 1e-10
+    assert list(layers) == ["linear"] and relative(layers["linear"], expected) <= 1e-10
 
 
 def test_mlp_with_cross_entropy_correlates_with_gauss_newton_direct(classifier):
@@ -60,8 +54,8 @@ def test_mlp_with_cross_entropy_correlates_with_gauss_newton_direct(classifier):
                                  block_structure="layer_wise").fit(loader)
     ekfac = EkfacInfluence(model, nn.functional.cross_entropy, hessian_regularization=lam).fit(loader)
     got = ekfac.influences(x[:30], y[:30], x, y)
-    c_full = _pearson(got, full.influences(x[:30], y[:30], x, y))
-    c_layer = _pearson(got, layer_wise.influences(x[:30], y[:30], x, y))
+    c_full = pearson(got, full.influences(x[:30], y[:30], x, y))
+    c_layer = pearson(got, layer_wise.influences(x[:30], y[:30], x, y))
     print(f"\nEK-FAC vs Gauss-Newton Direct (MLP 5-16-3, cross-entropy, 300 points, lambda={lam}): "
           f"Pearson {c_full:.4f} (full GN), {c_layer:.4f} (layer-wise GN)")
     assert c_full >= 0.9
@@ -152,7 +146,7 @@ def test_frozen_unsupported_layers_are_allowed():
     assert ekfac.n_parameters == 32 * 3 + 3
     direct = DirectInfluence(model, nn.functional.cross_entropy, 0.1, second_order_mode=GN).fit([(x, y)])
     # a single trainable linear layer after frozen features: K-FAC is not exact for CE but close
-    assert _pearson(ekfac.influences(x[:5], y[:5], x, y), direct.influences(x[:5], y[:5], x, y)) > 0.9
+    assert pearson(ekfac.influences(x[:5], y[:5], x, y), direct.influences(x[:5], y[:5], x, y)) > 0.9
 
 
 def test_refuses_unsupported_layers_by_name():

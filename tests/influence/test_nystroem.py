@@ -3,10 +3,11 @@
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from kinfluence.influence import DirectInfluence, InfluenceMode, NystroemSketchInfluence, SecondOrderMode
 from kinfluence.influence.lowrank import nystroem_eigen
+
+from influence_problems import small_classifier, pearson, relative
 
 LAM = 0.1
 GN = SecondOrderMode.GAUSS_NEWTON
@@ -14,30 +15,18 @@ GN = SecondOrderMode.GAUSS_NEWTON
 
 @pytest.fixture(scope="module")
 def problem():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()  # p = 75
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(120, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (120,), generator=g)
-    loader = DataLoader(TensorDataset(x, y), batch_size=50)
+    model, x, y, loader = small_classifier()
     direct = DirectInfluence(model, nn.functional.cross_entropy, LAM, second_order_mode=GN).fit(loader)
     return model, x, y, loader, direct
-
-
-def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
-
-
-def _relative(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((got - expected).abs().max() / expected.abs().max())
 
 
 def test_full_rank_equals_gauss_newton_direct(problem):
     model, x, y, loader, direct = problem
     nys = NystroemSketchInfluence(model, nn.functional.cross_entropy, LAM, rank=75, second_order_mode=GN).fit(loader)
-    assert _relative(nys.influences(x[:8], y[:8], x, y), direct.influences(x[:8], y[:8], x, y)) <= 1e-4
+    assert relative(nys.influences(x[:8], y[:8], x, y), direct.influences(x[:8], y[:8], x, y)) <= 1e-4
     pert = nys.influences(x[:2], y[:2], x[:4], y[:4], mode=InfluenceMode.PERTURBATION)
     expected = direct.influences(x[:2], y[:2], x[:4], y[:4], mode=InfluenceMode.PERTURBATION)
-    assert pert.shape == (2, 4, 5) and _relative(pert, expected) <= 1e-4
+    assert pert.shape == (2, 4, 5) and relative(pert, expected) <= 1e-4
 
 
 def test_full_rank_equals_direct_on_a_convex_hessian():
@@ -49,7 +38,7 @@ def test_full_rank_equals_direct_on_a_convex_hessian():
     loss = nn.functional.binary_cross_entropy_with_logits
     direct = DirectInfluence(model, loss, 0.01).fit([(x, y)])
     nys = NystroemSketchInfluence(model, loss, 0.01, rank=7).fit([(x, y)])
-    assert _relative(nys.influences(x[:5], y[:5], x, y), direct.influences(x[:5], y[:5], x, y)) <= 1e-4
+    assert relative(nys.influences(x[:5], y[:5], x, y), direct.influences(x[:5], y[:5], x, y)) <= 1e-4
 
 
 def test_correlation_with_direct_grows_with_rank(problem):
@@ -58,7 +47,7 @@ def test_correlation_with_direct_grows_with_rank(problem):
     ranks, correlations = [1, 2, 5, 10, 20, 40, 75], []
     for rank in ranks:
         nys = NystroemSketchInfluence(model, nn.functional.cross_entropy, LAM, rank=rank, second_order_mode=GN)
-        correlations.append(_pearson(nys.fit(loader).influences(x[:10], y[:10], x, y), expected))
+        correlations.append(pearson(nys.fit(loader).influences(x[:10], y[:10], x, y), expected))
     print("\nNystroem (Gauss-Newton) correlation with Direct by rank:")
     for rank, c in zip(ranks, correlations):
         print(f"  rank {rank:3d}: {c:.6f}")
