@@ -29,10 +29,10 @@ from ..influence.base import InfluenceFunctionModel
 from ..influence.modes import InfluenceMode
 from .converters import NumpyConverter, TorchNumpyConverter
 from .errors import InvalidDimensionChunksError, ThreadSafetyViolationError, UnalignedChunksError
-from .fingerprint import chunk_digest, combine_digests, model_fingerprint
+from .fingerprint import chunk_digest, combine_digests
 from .outputs import OutputSelection, WriteSummary
-from .plan import ProgressCallback, WritePlan, check_outputs, new_run_id, numpy_dtype_of, report
-from .store import StoreHandle, StoreLayout, prepare_store, regular_chunk_size
+from .plan import ProgressCallback, WritePlan, check_outputs, numpy_dtype_of, report, start_write
+from .store import StoreHandle, StoreLayout, regular_chunk_size
 from .shipping import ShippedModel
 from .tasks import block_from, factors_chunk, representation_chunk, store_block, store_factors
 
@@ -268,22 +268,14 @@ class DaskInfluenceCalculator:
             dtype=numpy_dtype_of(self.model),
         )
         data_fp = _data_fingerprints(client, {"x_test": x_test, "y_test": y_test, "x": x, "y": y})
-        run_id = new_run_id()
-        model = self.model
-        handle = prepare_store(url, storage_options, layout, outputs, mode.value, type(model).__name__,
-                               model.parameters_summary(), model_fingerprint(model), data_fp, metadata,
-                               resume, overwrite, run_id)
-        records = handle.records()
-        plan = WritePlan(layout, handle.completed_blocks(records), handle.completed_factors(records),
-                         "finalized" in records)
-        total, done = layout.total_blocks, plan.n_done
-        report(on_progress, done, total)
+        handle, plan, run_id = start_write(url, storage_options, layout, outputs, mode, self.model, data_fp,
+                                           metadata, resume, overwrite, on_progress)
         if plan.n_missing:
             self._write_blocks(client, handle, plan, x_test, y_test, x, y, mode, run_id, on_progress,
                                max_columns_in_flight)
         if not plan.finalized:
             _finalize_on(client, handle, keep_factors)
-        return WriteSummary(url, run_id, total, plan.n_done, plan.n_missing, len(plan.factors_needed),
+        return WriteSummary(url, run_id, layout.total_blocks, plan.n_done, plan.n_missing, len(plan.factors_needed),
                             layout.n_test_chunks, True, outputs.to_dict())
 
     def _write_blocks(

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
 from ..influence.base import InfluenceFunctionModel
 from ..influence.modes import InfluenceMode
+from .fingerprint import model_fingerprint
 from .outputs import OutputSelection
-from .store import StoreLayout
+from .store import StoreHandle, StoreLayout, prepare_store
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -74,3 +75,21 @@ class WritePlan:
 def report(on_progress: Optional[ProgressCallback], done: int, total: int) -> None:
     if on_progress is not None:
         on_progress(done, total)
+
+
+def start_write(
+    url: str, storage_options: Optional[Mapping[str, Any]], layout: StoreLayout, outputs: OutputSelection,
+    mode: InfluenceMode, model: InfluenceFunctionModel, data_fp: Mapping[str, str],
+    metadata: Optional[Mapping[str, Any]], resume: bool, overwrite: bool, on_progress: Optional[ProgressCallback],
+) -> tuple[StoreHandle, WritePlan, str]:
+    """Open (or create) the store of this computation, plan the run from its completion records,
+    and report the blocks already done; returns the store, the plan and the new run id."""
+    run_id = new_run_id()
+    handle = prepare_store(url, storage_options, layout, outputs, mode.value, type(model).__name__,
+                           model.parameters_summary(), model_fingerprint(model), data_fp, metadata,
+                           resume, overwrite, run_id)
+    records = handle.records()
+    plan = WritePlan(layout, handle.completed_blocks(records), handle.completed_factors(records),
+                     "finalized" in records)
+    report(on_progress, plan.n_done, layout.total_blocks)
+    return handle, plan, run_id

@@ -18,10 +18,10 @@ from ..influence.base import InfluenceFunctionModel, check_xy
 from ..influence.modes import InfluenceMode
 from .aggregators import BlockAggregator, ChunkAggregator, InfluenceBlock, NestedTorchCatAggregator, TorchCatAggregator
 from .converters import NumpyConverter, TorchNumpyConverter
-from .fingerprint import chunk_digest, combine_digests, model_fingerprint
+from .fingerprint import chunk_digest, combine_digests
 from .outputs import OutputSelection, WriteSummary
-from .plan import ProgressCallback, WritePlan, check_outputs, new_run_id, numpy_dtype_of, report
-from .store import StoreLayout, prepare_store, regular_chunk_size
+from .plan import ProgressCallback, check_outputs, numpy_dtype_of, report, start_write
+from .store import StoreLayout, regular_chunk_size
 
 Loader = Iterable[tuple[Tensor, Tensor]]
 
@@ -154,15 +154,9 @@ class NestedLazyChunkSequence:
             dtype=numpy_dtype_of(model),
         )
         data_fp = {"x_test": test.x_digest, "y_test": test.y_digest, "x": train.x_digest, "y": train.y_digest}
-        run_id = new_run_id()
-        handle = prepare_store(url, storage_options, layout, outputs, mode.value, type(model).__name__,
-                               model.parameters_summary(), model_fingerprint(model), data_fp, metadata,
-                               resume, overwrite, run_id)
-        records = handle.records()
-        plan = WritePlan(layout, handle.completed_blocks(records), handle.completed_factors(records),
-                         "finalized" in records)
+        handle, plan, run_id = start_write(url, storage_options, layout, outputs, mode, model, data_fp,
+                                           metadata, resume, overwrite, on_progress)
         total, done = layout.total_blocks, plan.n_done
-        report(on_progress, done, total)
         needed = set(plan.factors_needed)
         columns = plan.columns
         for i, (_, x, y) in enumerate(_batches(self._test, "test_loader")):
