@@ -46,6 +46,9 @@ class InfluenceFunctionModel(ABC):
 
     #: whether one instance may be used from several threads at once
     is_thread_safe: bool = False
+    #: whether the fitted state alone is not enough: the method solves against the training
+    #: data (CG, LiSSA), so load_state_dict needs the training loader too
+    needs_train_loader: bool = False
 
     def __init__(
         self,
@@ -252,8 +255,14 @@ class InfluenceFunctionModel(ABC):
             "state": self._state(),
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> "InfluenceFunctionModel":
-        """Restore a fitted state saved by `state_dict` (on this instance's device and dtype)."""
+    def load_state_dict(self, state: Mapping[str, Any], train_loader: Optional[Batches] = None) -> "InfluenceFunctionModel":
+        """Restore a fitted state saved by `state_dict` (on this instance's device and dtype);
+        methods that solve against the training data also take its loader."""
+        if self.needs_train_loader:
+            if train_loader is None:
+                raise ValueError(f"train_loader: {type(self).__name__}.load_state_dict needs the training loader "
+                                 "(its solves use the training data)")
+            self._train_loader = train_loader
         if state.get("method") != type(self).__name__:
             raise ValueError(f"state: was saved by {state.get('method')!r}, not {type(self).__name__}")
         saved = dict(zip(state["layout"]["names"], (tuple(s) for s in state["layout"]["shapes"])))

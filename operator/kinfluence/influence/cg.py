@@ -143,6 +143,7 @@ class CgInfluence(InfluenceFunctionModel):
     """
 
     is_thread_safe = False
+    needs_train_loader = True
 
     def __init__(
         self,
@@ -239,14 +240,6 @@ class CgInfluence(InfluenceFunctionModel):
 
     def _state(self) -> dict[str, Any]:
         return {"preconditioners": {b: p.state_dict() for b, p in self._preconditioners.items()}}
-
-    def load_state_dict(self, state: Mapping[str, Any], train_loader: Optional[Batches] = None) -> "CgInfluence":
-        """Restore the preconditioners; CG also needs the training loader for its solves."""
-        if train_loader is None:
-            raise ValueError("train_loader: CgInfluence.load_state_dict needs the training loader (CG solves use it)")
-        self._train_loader = train_loader
-        super().load_state_dict(state)
-        return self
 
     def _load_state(self, state: Mapping[str, Any]) -> None:
         self._preconditioners = {}

@@ -26,6 +26,7 @@ class LissaInfluence(InfluenceFunctionModel):
     """
 
     is_thread_safe = False
+    needs_train_loader = True
 
     def __init__(
         self,
@@ -142,14 +143,6 @@ class LissaInfluence(InfluenceFunctionModel):
 
     def _state(self) -> dict[str, Any]:
         return {"largest_eigenvalue": {b: torch.tensor(v, dtype=torch.float64) for b, v in self.largest_eigenvalue.items()}}
-
-    def load_state_dict(self, state: Mapping[str, Any], train_loader: Optional[Batches] = None) -> "LissaInfluence":
-        """Restore fitted state; LiSSA's recursion also needs the training loader."""
-        if train_loader is None:
-            raise ValueError("train_loader: LissaInfluence.load_state_dict needs the training loader")
-        self._train_loader = train_loader
-        super().load_state_dict(state)
-        return self
 
     def _load_state(self, state: Mapping[str, Any]) -> None:
         self.largest_eigenvalue = {b: float(v) for b, v in state["largest_eigenvalue"].items()}

@@ -9,7 +9,6 @@ kinfluence.compute's DaskInfluenceCalculator, and report progress.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import time
 from dataclasses import dataclass
@@ -136,13 +135,6 @@ def _train_batches(spec: InfluenceJobSpec, train: Dataset) -> ArrayBatches:
     return ArrayBatches(train.x, train.y, spec.model.dtype)
 
 
-def _with_loader(method: Any, state: dict[str, Any], loader: ArrayBatches) -> Any:
-    """load_state_dict, passing the training loader to methods that keep it (CG, LiSSA)."""
-    if "train_loader" in inspect.signature(method.load_state_dict).parameters:
-        return method.load_state_dict(state, train_loader=loader)
-    return method.load_state_dict(state)
-
-
 def fit_state(spec_json: str) -> dict[str, Any]:
     """Fit the job's method (on a dask worker: its model cache, its GPU) and return the state, on CPU."""
     import torch
@@ -181,7 +173,7 @@ def fitted_method(prepared: PreparedJob, client: Client, overwrite: bool) -> tup
     if state is None:
         state = client.submit(fit_state, spec.model_dump_json(by_alias=True), pure=False).result()
         save_fitted(url, options, fingerprint, state)
-    return _with_loader(method, state, loader), fitted_now
+    return method.load_state_dict(state, train_loader=loader), fitted_now
 
 
 # ------------------------------------------------------------------------------ run
