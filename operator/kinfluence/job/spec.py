@@ -12,7 +12,7 @@ from enum import Enum
 from typing import Annotated, Any, Literal, Optional, Union
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "kinfluence.dev"
@@ -55,7 +55,8 @@ def check_url(url: str) -> str:
     return url
 
 
-Url = Annotated[str, Field(min_length=1)]
+#: a local path or an fsspec URL whose scheme this installation can open
+Url = Annotated[str, Field(min_length=1), AfterValidator(check_url)]
 StorageOptions = Annotated[
     dict[str, Any],
     Field(
@@ -105,11 +106,6 @@ class ModelSource(SpecModel):
         "auto", description="Where workers compute: auto takes a GPU when the worker has one."
     )
 
-    @field_validator("weights", "program")
-    @classmethod
-    def _url(cls, v: Optional[str]) -> Optional[str]:
-        return None if v is None else check_url(v)
-
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSource":
         if (self.entrypoint is None) == (self.program is None):
@@ -136,11 +132,6 @@ class DataSource(SpecModel):
     start: Optional[int] = Field(None, ge=0, description="First point used (inclusive).")
     stop: Optional[int] = Field(None, ge=1, description="Last point used (exclusive).")
     storage_options: StorageOptions = {}
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        return check_url(v)
 
     @model_validator(mode="after")
     def _range(self) -> "DataSource":
@@ -347,11 +338,6 @@ class OutputSpec(SpecModel):
         "job wrote it), overwrite (delete and start over), fail.",
     )
     storage_options: StorageOptions = {}
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        return check_url(v)
 
     @model_validator(mode="after")
     def _something(self) -> "OutputSpec":
